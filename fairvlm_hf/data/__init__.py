@@ -1,0 +1,1 @@
+"""Harvard-FairVLMed data: the on-disk reader, the synthetic generator and collation."""

@@ -1,0 +1,1 @@
+"""The robust and fair objective in pure torch: contrastive loss, bad-pair mining, group OT."""

@@ -563,3 +563,19 @@ def test_memory_of_a_million_pairs():
     assert sized.memory_bytes == 24 * n
     summary = grown.start_epoch(1)
     assert summary["n_seen"] == n
+
+
+def test_statistics_are_the_per_pair_means_of_finished_epochs():
+    miner = BadPairMiner(warmup_epochs=1)
+    miner.observe(torch.tensor([4, 1, 9]), torch.tensor([1.0, 2.0, 3.0]))
+    miner.observe(torch.tensor([4]), torch.tensor([3.0]))  # pair 4 twice in epoch 0: mean 2
+    miner.start_epoch(1)
+    miner.observe(torch.tensor([4, 1]), torch.tensor([4.0, 0.0]))
+    miner.observe(torch.tensor([2]), torch.tensor([5.0]))  # unfinished epoch: not counted yet
+    ids, m = miner.statistics()
+    assert ids.tolist() == [1, 4, 9]
+    np.testing.assert_allclose(m.numpy(), [2.0, 2.0, 3.0])
+    miner.start_epoch(2)
+    ids, m = miner.statistics()
+    assert ids.tolist() == [1, 2, 4, 9]
+    np.testing.assert_allclose(m.numpy(), [(2.0 + 0.0) / 2, 5.0, (2.0 + 4.0) / 2, 3.0])

@@ -415,6 +415,16 @@ class BadPairMiner:
         m = num.to(torch.float64) / den.clamp(min=1).to(torch.float64)
         return m, seen
 
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        """The ids of every pair seen in a finished epoch and their statistic ``m`` (float64).
+
+        For reports (e.g. how well ``m`` separates known bad pairs from clean ones); the flags
+        use the same values.
+        """
+        m, seen = self._statistic_all()
+        ids = torch.arange(self._size, dtype=torch.long)
+        return ids[seen], m[seen]
+
     # ------------------------------------------------------------------ epochs and flags
     def start_epoch(self, epoch: int) -> dict[str, Any]:
         """Begin ``epoch``: fold finished epochs into the history and, from ``warmup_epochs``

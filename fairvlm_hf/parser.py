@@ -49,12 +49,19 @@ class FairVLMParser(HfArgumentParser):
             help="YAML file of argument values; flags given on the command line override it.",
         )
 
-    def parse_args_and_config(self, args: Sequence[str] | None = None) -> tuple[Any, ...]:
-        """Parse ``args`` (default ``sys.argv[1:]``) into the parser's dataclasses."""
+    def parse_args_and_config(
+        self, args: Sequence[str] | None = None, default_config: str | Path | None = None
+    ) -> tuple[Any, ...]:
+        """Parse ``args`` (default ``sys.argv[1:]``) into the parser's dataclasses.
+
+        ``default_config`` is read when ``args`` give no ``--config`` of their own.
+        """
         args = list(sys.argv[1:] if args is None else args)
         pre = argparse.ArgumentParser(add_help=False)
         pre.add_argument("--config", default=None)
         known, _ = pre.parse_known_args(args)
+        if known.config is None and default_config is not None:
+            known.config = str(default_config)
         if known.config is not None:
             config = load_yaml_config(known.config)
             valid = {action.dest for action in self._actions} - {"config", "help"}

@@ -59,3 +59,15 @@ def test_unknown_flag_exits_with_usage(capsys):
     with pytest.raises(SystemExit):
         FairVLMParser(_Args).parse_args_and_config(["--nmae", "x"])
     assert "--nmae" in capsys.readouterr().err
+
+
+def test_default_config_applies_only_without_config(tmp_path):
+    default = tmp_path / "default.yaml"
+    default.write_text("name: default\n")
+    other = _write(tmp_path, "rate: 3.0\n")
+    (args,) = FairVLMParser(_Args).parse_args_and_config([], default_config=default)
+    assert (args.name, args.rate) == ("default", 1.0)
+    (args,) = FairVLMParser(_Args).parse_args_and_config(
+        ["--config", other], default_config=default
+    )
+    assert (args.name, args.rate) == ("a", 3.0)

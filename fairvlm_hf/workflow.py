@@ -90,8 +90,10 @@ def build_trainer(
     """Load the data and the model and wire them into a `FairRobustTrainer`."""
     from fairvlm_hf.trainer import FairRobustTrainer
 
-    splits = data_args.load()
-    model, processor = load_model_and_processor(model_args, texts=splits["train"]["text"])
+    # The main process generates, decodes and caches first; the others then read its caches.
+    with config.main_process_first(desc="data and model preparation"):
+        splits = data_args.load()
+        model, processor = load_model_and_processor(model_args, texts=splits["train"]["text"])
     trainer = FairRobustTrainer(
         model=model,
         args=config,

@@ -12,6 +12,11 @@ Every logging step records L_clip, L_rob, R, each D_kg and the mining counts (TR
 ``_metrics``, averaged in ``log``). The miner's memory and flags travel in every checkpoint, so
 that a resumed run continues exactly as an uninterrupted one. Evaluation scores the validation
 images zero-shot and reports AUC and ES-AUC per attribute through ``FairnessMetrics``.
+
+A run owns its ``output_dir`` (a lock file; a fresh run refuses a folder that holds checkpoints),
+each checkpoint is assembled in a staging folder and renamed when complete, and SIGINT or SIGTERM
+stops training after saving a checkpoint (see ``fairvlm_hf.run_guard`` and
+``StopOnSignalCallback``).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +35,19 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    EvalLoopOutput,
+    get_last_checkpoint,
+    rotate_checkpoints,
+)
 
 from fairvlm_hf.callbacks import (
     BadPairMiningCallback,
+    StopOnSignalCallback,
+    TrainingInterrupted,
+    WorkersIgnoreSigint,
     check_ground_truth,
     detection_scores,
     flat_detection_scores,
@@ -45,11 +61,19 @@ from fairvlm_hf.objective.bad_pairs import FAULTY, NOISY, BadPairMiner
 from fairvlm_hf.objective.contrastive import pair_cosine, pairwise_clip_loss
 from fairvlm_hf.objective.distributed import all_gather_no_grad, all_gather_with_grad
 from fairvlm_hf.objective.group_ot import GroupSinkhorn
+from fairvlm_hf.run_guard import (
+    OutputDirGuard,
+    OutputDirInUseError,
+    publish_checkpoint,
+    staging_dir,
+)
 
 logger = logging.getLogger(__name__)
 
 #: File in every checkpoint folder that holds the miner's memory, flags and epoch history.
 MINING_STATE_NAME = "bad_pair_miner.pt"
+#: Name of the (optional) config field that lets a fresh run delete a folder's old checkpoints.
+OVERWRITE_FIELD = "overwrite_output_dir"
 #: Files written to ``output_dir`` at the end of training.
 FLAG_TABLE_NAME = "bad_pairs.csv"
 DETECTION_REPORT_NAME = "bad_pair_detection.json"
@@ -153,7 +177,11 @@ class FairRobustTrainer(Trainer):
         )
         self._reset_mining()
         self._prompt_embeds: Tensor | None = None
+        self._staging_root: Path | None = None
+        self._warned: set[str] = set()
         self.add_callback(BadPairMiningCallback(self))
+        self.stop_on_signal = StopOnSignalCallback()
+        self.add_callback(self.stop_on_signal)
 
     # ------------------------------------------------------------------ mining state
     def _new_miner(self) -> BadPairMiner | None:
@@ -311,34 +339,157 @@ class FairRobustTrainer(Trainer):
         trial: Any = None,
         ignore_keys_for_eval: list[str] | None = None,
     ) -> Any:
-        """`Trainer.train`, restoring the bad-pair state too when resuming from a checkpoint."""
+        """`Trainer.train`, guarding ``output_dir`` and restoring the bad-pair state on resume.
+
+        ``resume_from_checkpoint`` is a checkpoint folder, or True (also the string "true") for
+        the last checkpoint of ``output_dir``. While training, the run holds the lock of
+        ``output_dir`` (`OutputDirInUseError` if another run does); a fresh run into a folder
+        that already holds checkpoints raises `ExistingCheckpointsError` unless the config sets
+        ``overwrite_output_dir``. SIGINT or SIGTERM stops training after a checkpoint is saved
+        and raises `TrainingInterrupted`, which names that checkpoint.
+        """
         checkpoint = resume_from_checkpoint
-        if checkpoint is True:
-            checkpoint = get_last_checkpoint(self.args.output_dir)
-            if checkpoint is None:
-                raise ValueError(
-                    f"No valid checkpoint found in output directory ({self.args.output_dir})"
+        if isinstance(checkpoint, str) and checkpoint.lower() == "true":
+            checkpoint = checkpoint if os.path.isdir(checkpoint) else True
+        with self._output_dir_guard(resuming=bool(checkpoint)):
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+                if checkpoint is None:
+                    raise ValueError(
+                        f"No valid checkpoint found in output directory ({self.args.output_dir})"
+                    )
+            if checkpoint:
+                if not os.path.isdir(checkpoint):
+                    raise FileNotFoundError(
+                        f"resume_from_checkpoint={str(checkpoint)!r}: no such checkpoint folder"
+                    )
+                self._load_mining_state(str(checkpoint))
+            else:
+                self._reset_mining()
+            with self.stop_on_signal.handling_signals():
+                output = super().train(
+                    resume_from_checkpoint=checkpoint or None,
+                    trial=trial,
+                    ignore_keys_for_eval=ignore_keys_for_eval,
                 )
-        if checkpoint:
-            self._load_mining_state(str(checkpoint))
-        else:
-            self._reset_mining()
-        return super().train(
-            resume_from_checkpoint=checkpoint or None,
-            trial=trial,
-            ignore_keys_for_eval=ignore_keys_for_eval,
+                self._raise_if_interrupted(trial)
+        return output
+
+    @contextmanager
+    def _output_dir_guard(self, resuming: bool) -> Iterator[None]:
+        """Hold ``OutputDirGuard`` on the processes that save; every process fails alike."""
+        guard = None
+        failure: Exception | None = None
+        if self.args.should_save:
+            guard = OutputDirGuard(
+                self.args.output_dir,
+                resuming=resuming,
+                overwrite=bool(getattr(self.args, OVERWRITE_FIELD, False)),
+            )
+            try:
+                guard.__enter__()
+            except (OutputDirInUseError, OSError) as error:  # ExistingCheckpointsError too
+                guard, failure = None, error
+        if self.args.world_size > 1:
+            from accelerate.utils import gather_object
+
+            messages = gather_object([None if failure is None else str(failure)])
+            others = [m for m in messages if m is not None]
+            if others and failure is None:
+                if guard is not None:
+                    guard.release()
+                raise RuntimeError(f"another process could not take the output folder: {others[0]}")
+        if failure is not None:
+            raise failure
+        try:
+            yield
+        finally:
+            if guard is not None:
+                guard.release()
+
+    def _raise_if_interrupted(self, trial: Any) -> None:
+        """Raise `TrainingInterrupted` when a signal stopped training before its last step."""
+        callback = self.stop_on_signal
+        if not callback.stopped or self.state.global_step >= self.state.max_steps:
+            return
+        step = self.state.global_step
+        checkpoint = None
+        if callback.saved_step == step:
+            checkpoint = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            )
+        where = (
+            f"the checkpoint {checkpoint} holds its state: resume with "
+            "resume_from_checkpoint=True (--resume_from_checkpoint true)"
+            if checkpoint
+            else "no checkpoint was saved"
+        )
+        signal_name = callback.received or "a signal received by another process"
+        raise TrainingInterrupted(
+            f"training stopped by {signal_name} after step {step} of {self.state.max_steps}; "
+            f"{where}",
+            signal_name=signal_name,
+            global_step=step,
+            checkpoint=checkpoint,
         )
 
+    def _get_dataloader(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's data loader, whose worker processes (if any) ignore SIGINT."""
+        dataloader = super()._get_dataloader(*args, **kwargs)
+        if self.args.dataloader_num_workers > 0:
+            # accelerate's wrapper iterates its base loader, which starts the workers
+            for loader in (dataloader, getattr(dataloader, "base_dataloader", None)):
+                if loader is not None and not isinstance(
+                    loader.worker_init_fn, WorkersIgnoreSigint
+                ):
+                    loader.worker_init_fn = WorkersIgnoreSigint(loader.worker_init_fn)
+        return dataloader
+
+    def _get_output_dir(self, trial: Any) -> str:
+        """The run folder; while a checkpoint is being saved, its staging folder instead."""
+        if self._staging_root is not None:
+            return str(self._staging_root)
+        return super()._get_output_dir(trial=trial)
+
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """Save the usual checkpoint plus the miner's state (``bad_pair_miner.pt``)."""
-        if self.miner is not None and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial),
-                f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}",
+        """Save the usual checkpoint plus the miner's state, and publish it only when complete.
+
+        Everything (weights, optimizer, scheduler, RNG states, trainer state and
+        ``bad_pair_miner.pt``) is written into ``.tmp-checkpoint-<step>/checkpoint-<step>``;
+        when every process is done, the folder is renamed to ``checkpoint-<step>``, so that
+        ``get_last_checkpoint`` never returns a partial checkpoint. Old checkpoints are then
+        rotated as the Trainer does (``save_total_limit``).
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        root = staging_dir(run_dir, self.state.global_step)
+        staged = root / name
+        if self.args.should_save:
+            shutil.rmtree(root, ignore_errors=True)
+            staged.mkdir(parents=True)
+            if self.miner is not None:
+                torch.save(self._mining_state(), staged / MINING_STATE_NAME)
+        self.accelerator.wait_for_everyone()
+        self._staging_root = root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        best = self.state.best_model_checkpoint
+        if best is not None and Path(best).parent == root:
+            self.state.best_model_checkpoint = os.path.join(run_dir, Path(best).name)
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(staged, os.path.join(run_dir, name))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
             )
-            os.makedirs(folder, exist_ok=True)
-            torch.save(self._mining_state(), os.path.join(folder, MINING_STATE_NAME))
-        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ objective
     def _split_inputs(
@@ -377,6 +528,11 @@ class FairRobustTrainer(Trainer):
             return
         flat = value.detach().flatten()
         raise self._non_finite(name, str(flat[~torch.isfinite(flat)][0].item()), training)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
 
     def _record(self, mode: str, values: Mapping[str, float]) -> None:
         for key, value in values.items():
@@ -432,8 +588,16 @@ class FairRobustTrainer(Trainer):
             )
             if self.args.fairness_lambda > 0:
                 loss = loss + self.args.fairness_lambda * fair_reg
+                self._guard("loss (loss_rob + fairness_lambda * fair_reg)", loss.detach(), training)
 
-        if training and self.miner is not None:
+        if global_ids.numel() == 1:
+            self._warn_once(
+                "batch_of_one",
+                "a global batch of one pair has no negatives: its contrastive loss is exactly 0, "
+                "it gives no gradient, and bad-pair mining does not record it (set "
+                "dataloader_drop_last=True to avoid a last batch of one)",
+            )
+        elif training and self.miner is not None:
             self.miner.observe(global_ids, global_losses)
         self._record(mode, terms)
         if return_outputs:

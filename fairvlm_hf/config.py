@@ -7,6 +7,7 @@ happen each epoch, and the best checkpoint is chosen on the validation mean ES-A
 """
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -160,6 +161,15 @@ class FairRobustConfig(TrainingArguments):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let a fresh (non-resuming) run delete the checkpoint-* folders already in "
+            "output_dir. Off: such a run stops with an error, so that no checkpoint is lost "
+            "silently; resume with --resume_from_checkpoint true or choose another output_dir."
+        },
+    )
+
     # Trainer defaults that suit CLIP fine-tuning with this objective
     remove_unused_columns: bool = field(
         default=False,
@@ -251,8 +261,10 @@ class FairRobustConfig(TrainingArguments):
                 raise ValueError(
                     f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}."
                 )
-        if not self.fairness_lambda >= 0:
-            raise ValueError(f"fairness_lambda must be >= 0, got {self.fairness_lambda}.")
+        if not 0 <= self.fairness_lambda < math.inf:
+            raise ValueError(
+                f"fairness_lambda must be finite and >= 0, got {self.fairness_lambda}."
+            )
         if not self.fairness_blur > 0:
             raise ValueError(f"fairness_blur must be > 0, got {self.fairness_blur}.")
         if self.fairness_min_group_size < 1:

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 MODEL_IGNORE_PATTERNS: list[str] = [
     "checkpoint-*",
     "checkpoint-*/**",
+    ".tmp-checkpoint-*/**",
     "checkpoints/**",
     "runs/**",
     "wandb/**",

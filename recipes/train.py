@@ -23,6 +23,7 @@ from pathlib import Path
 import datasets
 import transformers
 
+from fairvlm_hf.callbacks import TrainingInterrupted
 from fairvlm_hf.config import FairRobustConfig
 from fairvlm_hf.data.arguments import DataArguments
 from fairvlm_hf.modeling import ModelArguments
@@ -57,7 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_warning()
     logging.getLogger("fairvlm_hf").setLevel(logging.INFO)
 
-    summary = run_recipe(model_args, data_args, config, recipe_args)
+    try:
+        summary = run_recipe(model_args, data_args, config, recipe_args)
+    except TrainingInterrupted as stop:
+        logging.getLogger("recipes.train").warning(
+            "%s; resume with --resume_from_checkpoint true (no release was written)", stop
+        )
+        return 130 if stop.signal_name == "SIGINT" else 143
     if "report" in summary:
         print(f"\nTest split (best checkpoint on validation: {summary['best_checkpoint']})")
         print(format_summary_table(summary["report"]))

@@ -66,6 +66,7 @@ def test_defaults_are_not_shared_between_instances(tmp_path):
         ({"fairness_blur": 0.0}, "fairness_blur"),
         ({"fairness_blur": float("nan")}, "fairness_blur"),
         ({"fairness_lambda": float("nan")}, "fairness_lambda"),
+        ({"fairness_lambda": float("inf")}, "fairness_lambda"),
         ({"remove_unused_columns": True}, "remove_unused_columns"),
         ({"fairness_attributes": [], "fairness_lambda": 0.5}, "fairness_attributes"),
         ({"eval_attributes": []}, "eval_attributes"),

@@ -120,8 +120,17 @@ class ModelArguments:
     default_seed: int = field(
         default=0, metadata={"help": "Default model: seed of the random initialisation."}
     )
+    default_vision_init_factor: float = field(
+        default=4.0,
+        metadata={
+            "help": "Default model: scale of the vision tower's random initialisation "
+            "(CLIPVisionConfig.initializer_factor). With CLIP's 1.0, a ViT trained from scratch on "
+            "fundus images starts with nearly identical image embeddings and the contrastive loss "
+            "sits at log(batch) for hundreds of steps; a larger scale breaks that symmetry."
+        },
+    )
 
-    def default_shape(self) -> dict[str, int]:
+    def default_shape(self) -> dict[str, int | float]:
         """The keyword arguments of :func:`build_default_model` that these arguments select."""
         return {
             "image_size": self.default_image_size,
@@ -131,6 +140,7 @@ class ModelArguments:
             "num_heads": self.default_num_heads,
             "vocab_size": self.default_vocab_size,
             "seed": self.default_seed,
+            "vision_init_factor": self.default_vision_init_factor,
         }
 
 
@@ -213,12 +223,14 @@ def build_default_model(
     num_heads: int = 4,
     vocab_size: int = 2048,
     seed: int = 0,
+    vision_init_factor: float = 4.0,
 ) -> tuple[CLIPModel, CLIPProcessor]:
     """A small randomly initialised CLIP and its processor, with a tokenizer trained on ``texts``.
 
     Both towers share ``hidden_size``/``num_layers``/``num_heads`` (MLP width 4x), the projection
     has ``hidden_size`` dimensions, and the text tower's vocabulary is the trained tokenizer's.
     Images are converted to RGB, resized and centre-cropped to ``image_size`` with CLIP's mean/std.
+    ``vision_init_factor`` scales the vision tower's initialisation (see `ModelArguments`).
     """
     if image_size % patch_size:
         raise ValueError(f"image_size={image_size} is not a multiple of patch_size={patch_size}")
@@ -241,7 +253,12 @@ def build_default_model(
             "eos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,
         },
-        vision_config={**tower, "image_size": image_size, "patch_size": patch_size},
+        vision_config={
+            **tower,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "initializer_factor": vision_init_factor,
+        },
         projection_dim=hidden_size,
     )
     with torch.random.fork_rng(devices=[]):
@@ -257,7 +274,7 @@ def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
     return Path(root).expanduser()
 
 
-def default_model_key(texts: Iterable[str], **shape: int) -> str:
+def default_model_key(texts: Iterable[str], **shape: float) -> str:
     """Hash of the shape knobs, the corpus and the library versions that name a cached build."""
     digest = hashlib.sha256()
     header = {
@@ -277,7 +294,7 @@ def default_model_key(texts: Iterable[str], **shape: int) -> str:
 
 
 def get_default_model(
-    texts: Iterable[str], cache_dir: str | os.PathLike[str] | None = None, **shape: int
+    texts: Iterable[str], cache_dir: str | os.PathLike[str] | None = None, **shape: float
 ) -> Path:
     """Folder holding the default model for ``texts`` and ``shape``, built on first use.
 

@@ -87,6 +87,36 @@ def detection_scores(flagged: Iterable[int], ground_truth: pd.DataFrame) -> dict
     return scores
 
 
+def statistic_separability(
+    sample_ids: Iterable[int], statistic: Iterable[float], ground_truth: pd.DataFrame
+) -> dict[str, float]:
+    """How well the miner's statistic ``m`` separates known bad pairs from clean ones.
+
+    For ``all``, ``all_contradicting`` and each truth kind: the AUC of ``m`` with that kind's pairs
+    as positives and the pairs absent from the ground truth as negatives (0.5: no separation;
+    1: every bad pair has a higher ``m`` than every clean one). Computed over the pairs that have
+    a statistic; a target with no pair seen, or no clean pair, is left out.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    truth = check_ground_truth(ground_truth)
+    values = pd.Series(list(statistic), index=[int(s) for s in sample_ids], dtype="float64")
+    bad = set(truth["sample_id"].tolist())
+    clean = values[~values.index.isin(bad)]
+    targets = {"all": truth}
+    contradicting = truth[truth["kind"].str.contains(CONTRADICTING, regex=False)]
+    if len(contradicting):
+        targets["all_contradicting"] = contradicting
+    targets.update({str(kind): part for kind, part in truth.groupby("kind")})
+    result: dict[str, float] = {}
+    for name, part in targets.items():
+        positives = values[values.index.isin(set(part["sample_id"].tolist()))]
+        if len(positives) and len(clean):
+            labels = [1] * len(positives) + [0] * len(clean)
+            result[name] = float(roc_auc_score(labels, pd.concat([positives, clean]).to_numpy()))
+    return result
+
+
 def flat_detection_scores(scores: dict[str, Any], prefix: str) -> dict[str, float]:
     """The defined ratios of ``detection_scores`` as flat log keys (``prefix/all/recall``...)."""
     flat: dict[str, float] = {}

@@ -51,6 +51,7 @@ from fairvlm_hf.callbacks import (
     check_ground_truth,
     detection_scores,
     flat_detection_scores,
+    statistic_separability,
 )
 from fairvlm_hf.config import FairRobustConfig
 from fairvlm_hf.data.collate import FairVLMedCollator
@@ -233,6 +234,13 @@ class FairRobustTrainer(Trainer):
         }
         if self.ground_truth is not None:
             scores = detection_scores(self._current_faulty_ids(), self.ground_truth)
+            ids, statistic = self.miner.statistics()
+            if len(ids):
+                separability = statistic_separability(
+                    ids.tolist(), statistic.tolist(), self.ground_truth
+                )
+                record["statistic_auc"] = separability
+                logs.update({f"dbpm/detect/{k}/statistic_auc": v for k, v in separability.items()})
             record["detection"] = scores
             logs.update(flat_detection_scores(scores, "dbpm/detect"))
         self._mining_history.append(record)

@@ -543,3 +543,24 @@ def test_default_collator_metrics_and_best_checkpoint(tmp_path):
     assert best_dir.name == f"checkpoint-{best['step']}"
     assert (best_dir / "bad_pair_miner.pt").is_file()
     assert (Path(config.output_dir) / FLAG_TABLE_NAME).is_file()
+
+
+def test_statistic_separability_matches_sklearn():
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from fairvlm_hf.callbacks import statistic_separability
+
+    ids = [1, 2, 3, 4, 5, 6, 7]
+    m = [0.1, 0.9, 0.3, 0.8, 0.2, 0.5, 0.4]
+    truth = pd.DataFrame(
+        {"sample_id": [2, 4, 6], "kind": ["contradicting", "swap_same_label", "contradicting"]}
+    )
+    result = statistic_separability(ids, m, truth)
+    clean = [0.1, 0.3, 0.2, 0.4]
+    assert result["all"] == pytest.approx(roc_auc_score([1] * 3 + [0] * 4, [0.9, 0.8, 0.5, *clean]))
+    assert result["contradicting"] == pytest.approx(
+        roc_auc_score([1, 1, 0, 0, 0, 0], [0.9, 0.5, *clean])
+    )
+    assert result["swap_same_label"] == 1.0
+    assert result["all_contradicting"] == result["contradicting"]

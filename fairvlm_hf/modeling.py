@@ -99,10 +99,10 @@ class ModelArguments:
         },
     )
     default_image_size: int = field(
-        default=64, metadata={"help": "Default model: input image side in pixels."}
+        default=128, metadata={"help": "Default model: input image side in pixels."}
     )
     default_patch_size: int = field(
-        default=8, metadata={"help": "Default model: ViT patch side in pixels."}
+        default=16, metadata={"help": "Default model: ViT patch side in pixels."}
     )
     default_hidden_size: int = field(
         default=128, metadata={"help": "Default model: width of both towers and the projection."}
@@ -216,8 +216,8 @@ def _image_processor(image_size: int) -> Any:
 def build_default_model(
     texts: Iterable[str],
     *,
-    image_size: int = 64,
-    patch_size: int = 8,
+    image_size: int = 128,
+    patch_size: int = 16,
     hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,

@@ -117,13 +117,14 @@ def test_tokenizer_rejects_bad_input():
 def test_default_model_forward_on_a_processor_batch():
     model, processor = build_default_model(NOTES)
     config = model.config
-    assert config.vision_config.image_size == 64 and config.vision_config.patch_size == 8
+    assert config.vision_config.image_size == 128 and config.vision_config.patch_size == 16
+    assert config.vision_config.initializer_factor == 4.0
     assert config.text_config.vocab_size == len(processor.tokenizer)
     assert config.text_config.eos_token_id == processor.tokenizer.eos_token_id
     images = [*_images(3), _images(1, seed=1)[0].convert("RGB")]
     texts = NOTES[:4]
     batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
-    assert batch["pixel_values"].shape == (4, 3, 64, 64)
+    assert batch["pixel_values"].shape == (4, 3, 128, 128)
     with torch.no_grad():
         out = model(**batch, return_loss=True)
         image = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output

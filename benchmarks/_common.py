@@ -27,6 +27,17 @@ DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
 DEFAULT_THREADS = 2
 
 
+def new_parser(doc: str, *, repeats: int) -> argparse.ArgumentParser:
+    """A parser whose help is the script's docstring, with the common options added."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        epilog=doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_arguments(parser, repeats=repeats)
+    return parser
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, *, repeats: int) -> None:
     """Add ``--quick``, ``--repeats``, ``--threads`` and ``--output`` to ``parser``."""
     parser.set_defaults(full_repeats=repeats)

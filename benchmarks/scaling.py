@@ -368,12 +368,7 @@ def render(
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line options of this benchmark."""
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _common.add_common_arguments(parser, repeats=3)
+    parser = _common.new_parser(__doc__, repeats=3)
     parser.add_argument(
         "--batch-sizes",
         type=int,

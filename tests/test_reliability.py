@@ -7,7 +7,6 @@ case with the test that shows it, including those covered in other test files.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _scripts import load_script
 from filelock import FileLock
 from transformers import HfArgumentParser
 
@@ -42,15 +42,7 @@ from fairvlm_hf.trainer import FairRobustTrainer, NonFiniteLossError
 TOKEN = "hf_" + "ZyXwVuTsRqPoNmLkJiHgFeDcBa9876543210"
 
 
-def _load_tiny_train():
-    path = Path(__file__).parent / "scripts" / "tiny_train.py"
-    spec = importlib.util.spec_from_file_location("tiny_train", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tt = _load_tiny_train()
+tt = load_script("tiny_train")
 
 
 @pytest.fixture(autouse=True)

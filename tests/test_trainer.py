@@ -6,7 +6,6 @@ computation (CLIPModel's own loss, exact 1-D transport in numpy, scikit-learn, h
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from _scripts import load_script
 from sklearn.metrics import precision_score, recall_score, roc_auc_score
 
 from fairvlm_hf.callbacks import detection_scores
@@ -27,16 +27,7 @@ from fairvlm_hf.trainer import (
     NonFiniteLossError,
 )
 
-
-def _load_tiny_train():
-    path = Path(__file__).parent / "scripts" / "tiny_train.py"
-    spec = importlib.util.spec_from_file_location("tiny_train", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tt = _load_tiny_train()
+tt = load_script("tiny_train")
 
 
 @pytest.fixture(scope="module")

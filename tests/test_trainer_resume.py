@@ -4,7 +4,6 @@ same per-step losses, same bad-pair flags and reports (the miner's state travels
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from _scripts import load_script
 from transformers import TrainerCallback
 
 from fairvlm_hf.trainer import (
@@ -27,15 +27,7 @@ STEPS = 3 * STEPS_PER_EPOCH
 STEP_KEYS = ("loss", "loss_clip", "loss_rob", "fair_reg", "dbpm/flagged_faulty", "dbpm/mean_weight")
 
 
-def _load_tiny_train():
-    path = Path(__file__).parent / "scripts" / "tiny_train.py"
-    spec = importlib.util.spec_from_file_location("tiny_train", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tt = _load_tiny_train()
+tt = load_script("tiny_train")
 
 
 class StopAfterEpoch(TrainerCallback):

@@ -99,13 +99,14 @@ class FairRobustConfig(TrainingArguments):
         },
     )
     fairness_lambda: float = field(
-        default=1.0,
+        default=0.1,
         metadata={
             "help": "Weight lambda of the group term in L = L_rob + lambda * R (>= 0; 0 turns the term "
             "off). On per-pair losses R is of the order of the losses' variance summed over groups; "
-            "choose lambda by a sweep so that lambda * R sits at a few percent of L_clip. The default "
-            "does so on the synthetic default (docs/results.md has the sweep); the papers' 1e-7 was "
-            "set for logit-scale similarities and makes the term vanish on losses."
+            "choose lambda by a sweep: too large a lambda holds the model at the collapsed solution "
+            "where every loss is equal (R = 0). The default is the best of the sweep in "
+            "docs/results.md; the papers' 1e-7 was set for logit-scale similarities and makes the "
+            "term vanish on losses."
         },
     )
     fairness_blur: float = field(

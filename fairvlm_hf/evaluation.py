@@ -25,11 +25,11 @@ from datasets import Dataset, DatasetDict
 from tqdm.auto import tqdm
 
 from fairvlm_hf.data import schema
+from fairvlm_hf.paths import METRIC_DIR
 
 logger = logging.getLogger(__name__)
 
 #: The ES-AUC ``evaluate`` module shipped with the package.
-METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "es_auc"
 
 PREDICTIONS_FILE = "predictions.csv"
 RESULTS_FILE = "eval_results.json"

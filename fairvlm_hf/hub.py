@@ -19,6 +19,8 @@ from huggingface_hub import HfApi, is_offline_mode
 from huggingface_hub.errors import OfflineModeIsEnabled
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
+from fairvlm_hf.paths import METRIC_DIR
+
 logger = logging.getLogger(__name__)
 
 #: Training leftovers and caches that never belong in a released model repository.
@@ -59,7 +61,7 @@ MODEL_MARKERS = (
     ("config.json", "model.safetensors"),
     ("adapter_config.json", "adapter_model.safetensors"),
 )
-DEFAULT_METRIC_DIR = Path(__file__).resolve().parents[1] / "metrics" / "es_auc"
+DEFAULT_METRIC_DIR = METRIC_DIR
 #: Text files scanned for a leaked token before anything is uploaded.
 _TEXT_SUFFIXES = {".json", ".md", ".txt", ".csv", ".yaml", ".yml", ".py", ".cfg", ".toml"}
 _TEXT_SCAN_LIMIT = 10 * 2**20

@@ -37,6 +37,8 @@ from transformers import (
 )
 from transformers.utils import is_torchvision_available
 
+from fairvlm_hf.paths import CACHE_ENV, default_cache_root
+
 logger = logging.getLogger(__name__)
 
 #: Special tokens of CLIP's tokenizer: start and end of text (the end token also pads).
@@ -48,8 +50,6 @@ MAX_TEXT_LENGTH = 77
 END_OF_WORD = "</w>"
 #: Bumped whenever the default model's construction changes, so that caches are rebuilt.
 DEFAULT_MODEL_FORMAT = 1
-CACHE_ENV = "FAIRVLM_HF_CACHE"
-DEFAULT_CACHE_ROOT = Path("~/.cache/fairvlm_hf")
 #: Weight files written by :func:`save_model_for_release`; nothing else holds tensors.
 SAFE_WEIGHTS = ("model.safetensors", "adapter_model.safetensors")
 
@@ -73,7 +73,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "Folder for downloaded checkpoints and for built default models "
-            f"(default: ${CACHE_ENV} or {DEFAULT_CACHE_ROOT})."
+            f"(default: ${CACHE_ENV} or ~/.cache/fairvlm_hf)."
         },
     )
     use_lora: bool = field(
@@ -270,8 +270,7 @@ def build_default_model(
 
 
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    root = cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_ROOT
-    return Path(root).expanduser()
+    return Path(cache_dir).expanduser() if cache_dir else default_cache_root()
 
 
 def default_model_key(texts: Iterable[str], **shape: float) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fairvlm_hf.data.fairvlmed import CACHE_ENV
+from fairvlm_hf.paths import CACHE_ENV
 
 
 @pytest.fixture(scope="session", autouse=True)

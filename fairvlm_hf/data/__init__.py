@@ -14,18 +14,18 @@ if TYPE_CHECKING:
     from fairvlm_hf.data.collate import FairVLMedCollator, with_processor_transform
     from fairvlm_hf.data.fairvlmed import (
         FairVLMedFormatError,
-        default_cache_root,
         load_fairvlmed,
         read_ground_truth,
     )
     from fairvlm_hf.data.synthetic import SyntheticConfig, ensure_synthetic, generate_synthetic
+    from fairvlm_hf.paths import default_cache_root
 
 _EXPORTS: dict[str, str] = {
     "DataArguments": "fairvlm_hf.data.arguments",
     "FairVLMedCollator": "fairvlm_hf.data.collate",
     "with_processor_transform": "fairvlm_hf.data.collate",
     "FairVLMedFormatError": "fairvlm_hf.data.fairvlmed",
-    "default_cache_root": "fairvlm_hf.data.fairvlmed",
+    "default_cache_root": "fairvlm_hf.paths",
     "load_fairvlmed": "fairvlm_hf.data.fairvlmed",
     "read_ground_truth": "fairvlm_hf.data.fairvlmed",
     "SyntheticConfig": "fairvlm_hf.data.synthetic",

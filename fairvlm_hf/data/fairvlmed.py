@@ -30,12 +30,12 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from fairvlm_hf.data import schema
+from fairvlm_hf.paths import default_cache_root
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the reader's output changes for an unchanged folder (invalidates caches).
 READER_VERSION = "1"
-CACHE_ENV = "FAIRVLM_HF_CACHE"
 
 #: Arrow features of every split, in the order of ``schema.COLUMNS``.
 FEATURES = datasets.Features(
@@ -95,11 +95,6 @@ def _raise_problems(problems: list[Problem], data_dir: Path) -> None:
         f"{len(problems)} problem(s) in {files} file(s) under {data_dir}:\n" + "\n".join(lines),
         problems,
     )
-
-
-def default_cache_root() -> Path:
-    """Where the project caches data: ``$FAIRVLM_HF_CACHE``, else ``~/.cache/fairvlm_hf``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fairvlm_hf")
 
 
 def sample_id_from_filename(filename: str) -> int:

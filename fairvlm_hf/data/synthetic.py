@@ -35,7 +35,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from fairvlm_hf.data import schema
-from fairvlm_hf.data.fairvlmed import default_cache_root
+from fairvlm_hf.paths import default_cache_root
 
 logger = logging.getLogger(__name__)
 

@@ -352,3 +352,35 @@ def test_swap_without_a_donor_becomes_a_contradicting_note(tmp_path, caplog):
     for filename in truth["filename"]:
         label = int(summary.loc[filename, "glaucoma"] == "yes")
         assert _stated_diagnosis(summary.loc[filename, "gpt4_summary"]) == 1 - label
+
+
+def test_sample_truth_matches_the_written_files(
+    tiny_fairvlmed: Path, tiny_fairvlmed_config: SyntheticConfig
+):
+    from fairvlm_hf.data.fairvlmed import read_ground_truth
+    from fairvlm_hf.data.synthetic import sample_truth
+
+    for split, folder in (("train", "Training"), ("test", "Test")):
+        truth = sample_truth(tiny_fairvlmed_config, split)
+        files = sorted((tiny_fairvlmed / folder).glob("*.npz"))
+        assert [f"data_{i:05d}.npz" for i in truth["sample_id"]] == [f.name for f in files]
+        for path, label in zip(files, truth["glaucoma"], strict=True):
+            with np.load(path, allow_pickle=False) as data:
+                assert int(data["glaucoma"]) == label
+        notes = pd.read_csv(tiny_fairvlmed / "gpt-4_summarized_notes.csv").set_index("File Name")
+        for path, stated in zip(files, truth["stated_cdr"], strict=True):
+            assert f"{stated:.2f}" in notes.loc[path.name, "Summarized Note"]
+    truth = sample_truth(tiny_fairvlmed_config, "train")
+    planted = read_ground_truth(tiny_fairvlmed).set_index("sample_id")["kind"]
+    kinds = dict(zip(truth["sample_id"].tolist(), truth["kind"].tolist(), strict=True))
+    assert {s: k for s, k in kinds.items() if k != "clean"} == planted.to_dict()
+    contradicting = np.isin(truth["kind"], ["swap_contradicting", "contradicting"])
+    assert (
+        truth["claimed_glaucoma"]
+        == np.where(contradicting, 1 - truth["glaucoma"], truth["glaucoma"])
+    ).all()
+    clean = truth["kind"] == "clean"
+    assert np.abs(truth["stated_cdr"] - truth["cdr"])[clean].max() < 0.2
+    assert ((truth["severity"] >= 0) & (truth["severity"] <= 1.3 + 1e-9)).all()
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        sample_truth(tiny_fairvlmed_config, "dev")

@@ -20,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -252,6 +253,8 @@ _MEDICATION = {
     1: ("on latanoprost", "using timolol drops", "on dorzolamide-timolol", "started brimonidine"),
     0: ("no drops", "no treatment needed", "no medications"),
 }
+#: The ratio a note states: the only number with two decimals (pressures and months are whole).
+_RATIO = re.compile(r"\b\d\.\d\d\b")
 _PLAN = ("Follow up in {m} months.", "Return in {m} months.", "Recheck in {m} months.")
 
 
@@ -679,6 +682,47 @@ def generate_synthetic(
         time.perf_counter() - start,
     )
     return out_dir
+
+
+def sample_truth(config: SyntheticConfig | None = None, split: str = "train") -> dict[str, Any]:
+    """What the generator knows about each sample of ``split`` and the files do not say.
+
+    Returns arrays aligned with the split's files: ``sample_id``, ``glaucoma``, ``kind`` (``clean``
+    or a bad-pair kind), ``claimed_glaucoma`` (the diagnosis the note states), ``cdr`` (the
+    cup-to-disc ratio drawn in the image), ``stated_cdr`` (the first ratio the note states) and
+    ``severity`` (the acquisition's degradation, 0 for a clean acquisition). Nothing is rendered:
+    the split's draws are repeated from the seed, so this is cheap even for the full data set.
+    It is for analyses of what a detector could know (``recipes/detection_ceiling.py``).
+    """
+    config = config or SyntheticConfig()
+    names = [name for name, _, _ in _SPLITS]
+    if split not in names:
+        raise ValueError(f"sample_truth: unknown split {split!r}; valid: {names}")
+    index = names.index(split)
+    sizes = (config.num_train, config.num_validation, config.num_test)
+    meta_seed, _ = np.random.SeedSequence(config.seed).spawn(len(_SPLITS))[index].spawn(2)
+    built = _build_split(config, index, 1 + sum(sizes[:index]), sizes[index], meta_seed)
+    claimed = built.labels.copy()
+    contradicts = np.isin(
+        built.kinds,
+        [BAD_PAIR_KINDS.index("swap_contradicting"), BAD_PAIR_KINDS.index("contradicting")],
+    )
+    claimed[contradicts] = 1 - claimed[contradicts]
+    stated = []
+    for summary in built.summaries:
+        match = _RATIO.search(summary)
+        if match is None:
+            raise AssertionError(f"sample_truth: no cup-to-disc ratio in the note {summary!r}")
+        stated.append(float(match.group()))
+    return {
+        "sample_id": built.sample_ids,
+        "glaucoma": built.labels,
+        "kind": np.array(["clean", *BAD_PAIR_KINDS])[built.kinds + 1],
+        "claimed_glaucoma": claimed,
+        "cdr": np.asarray(built.params["cdr"], dtype=np.float64),
+        "stated_cdr": np.array(stated),
+        "severity": np.asarray(built.params["severity"], dtype=np.float64),
+    }
 
 
 def ensure_synthetic(

@@ -1,4 +1,4 @@
-"""Import a launchable script of tests/scripts/ as a module, so tests can reuse its builders."""
+"""Import a launchable script (of tests/scripts/ or recipes/) as a module, to reuse its builders."""
 
 from __future__ import annotations
 
@@ -7,11 +7,21 @@ from pathlib import Path
 from types import ModuleType
 
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def load_script(name: str) -> ModuleType:
     """The module of ``tests/scripts/<name>.py``."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load(SCRIPTS / f"{name}.py")
+
+
+def load_recipe(name: str) -> ModuleType:
+    """The module of ``recipes/<name>.py``."""
+    return _load(RECIPES / f"{name}.py")

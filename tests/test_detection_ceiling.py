@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _scripts import load_recipe
 from scipy import integrate
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from fairvlm_hf.data.synthetic import SyntheticConfig, sample_truth
 
-SCRIPT = Path(__file__).resolve().parents[1] / "recipes" / "detection_ceiling.py"
-
 
 @pytest.fixture(scope="module")
 def ceiling():
-    spec = importlib.util.spec_from_file_location("detection_ceiling", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_recipe("detection_ceiling")
 
 
 def _integrated_log_odds(reading, claimed, stated, config, error, note_noise):

@@ -9,6 +9,13 @@ the precision and recall of the faulty flags against the ground truth (`bad_pair
 synthetic set, which training never reads), per kind of planted pair, and the AUC of the
 statistic m against the truth (how separable the kinds are, whatever the threshold).
 Finished runs are reused. Writes `detection.md` and `detection.json` in --output_dir.
+
+    python recipes/bad_pair_detection.py --rescore outputs/dbpm/checkpoint-660
+
+With --rescore, nothing is trained: every rule is applied to the statistic that a finished run
+saved in a checkpoint (`bad_pair_miner.pt`), as the next epoch start would apply it, and scored
+against the ground truth. This compares the rules on one statistic in seconds; it leaves out the
+feedback of each rule's weights on training. Writes `rescore.md` and `rescore.json`.
 """
 
 from __future__ import annotations
@@ -46,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/bad_pair_detection")
     parser.add_argument("--num_train_epochs", type=float, default=None)
+    parser.add_argument(
+        "--rescore",
+        metavar="CHECKPOINT",
+        default=None,
+        help="Apply every rule to the bad-pair state saved in this checkpoint instead of training.",
+    )
+    parser.add_argument(
+        "--data_dir",
+        default=None,
+        help="Folder with the ground truth (bad_pairs.csv) for --rescore; default: the synthetic "
+        "default data set.",
+    )
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: flags for train.py")
     return parser
 
@@ -97,9 +116,79 @@ def write_markdown(results: dict[str, list[dict[str, Any]]], path: Path, command
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def rule_settings(rule: str) -> dict[str, Any]:
+    """The miner settings that the training flags of ``rule`` select."""
+    flags = RULES[rule]
+    names = {"--dbpm_threshold": "threshold", "--dbpm_beta_noisy": "beta_noisy"}
+    names["--dbpm_beta_faulty"] = "beta_faulty"
+    settings: dict[str, Any] = {}
+    for flag, value in zip(flags[::2], flags[1::2], strict=True):
+        settings[names[flag]] = value if flag == "--dbpm_threshold" else float(value)
+    return settings
+
+
+def rescore(checkpoint: Path, ground_truth: Any, rules: Sequence[str]) -> dict[str, dict]:
+    """Each rule's faulty flags on the statistic saved in ``checkpoint``, scored against the truth.
+
+    The saved state is loaded once per rule with the rule's settings in place of the run's, and
+    the next epoch is started (which folds the last epoch into the statistic and flags pairs).
+    """
+    import torch
+
+    from fairvlm_hf.callbacks import detection_scores, statistic_separability
+    from fairvlm_hf.objective.bad_pairs import BadPairMiner
+    from fairvlm_hf.trainer import MINING_STATE_NAME
+
+    path = Path(checkpoint) / MINING_STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--rescore: no {MINING_STATE_NAME} in {checkpoint}")
+    saved = torch.load(path, map_location="cpu", weights_only=True)["miner"]
+    results: dict[str, dict] = {}
+    for rule in rules:
+        state = dict(saved)
+        state.update({f"config.{k}": v for k, v in rule_settings(rule).items()})
+        miner = BadPairMiner(
+            **{k.removeprefix("config."): v for k, v in state.items() if k.startswith("config.")}
+        )
+        miner.load_state_dict(state)
+        summary = miner.start_epoch(miner.epoch + 1)
+        faulty = [row["sample_id"] for row in miner.flag_table()
+                  if row["flagged_now"] and row["kind"] == "faulty"]  # fmt: skip
+        ids, m = miner.statistics()
+        scores = detection_scores(faulty, ground_truth)
+        row: dict[str, Any] = {
+            "epoch": summary["epoch"],
+            "n_faulty": summary["n_faulty"],
+            "n_noisy": summary["n_noisy"],
+        }
+        for target in TARGETS:
+            if target in scores:
+                row[f"precision_{target}"] = scores[target]["precision"]
+                row[f"recall_{target}"] = scores[target]["recall"]
+        separability = statistic_separability(ids.tolist(), m.tolist(), ground_truth)
+        row.update({f"statistic_auc_{k}": v for k, v in separability.items()})
+        results[rule] = row
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.output_dir)
+    command = "python recipes/bad_pair_detection.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    if args.rescore is not None:
+        from fairvlm_hf.data.arguments import DataArguments
+
+        truth = DataArguments(data_dir=args.data_dir).ground_truth()
+        if truth is None:
+            raise FileNotFoundError("--data_dir: no bad_pairs.csv, nothing to score against")
+        rows = rescore(Path(args.rescore), truth, args.rules)
+        out.mkdir(parents=True, exist_ok=True)
+        write_markdown({k: [v] for k, v in rows.items()}, out / "rescore.md", command.strip())
+        (out / "rescore.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        print((out / "rescore.md").read_text(encoding="utf-8"))
+        return 0
     extra = [a for a in args.extra if a != "--"]
     results: dict[str, list[dict[str, Any]]] = {}
     for rule in args.rules:
@@ -110,9 +199,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{rule}: {'reused' if run.done else 'running'} -> {run.output_dir}", flush=True)
         execute(run, out / "logs")
         results[rule] = epoch_rows(read_json(run.output_dir / "bad_pair_detection.json"))
-    command = "python recipes/bad_pair_detection.py " + " ".join(
-        sys.argv[1:] if argv is None else argv
-    )
     out.mkdir(parents=True, exist_ok=True)
     write_markdown(results, out / "detection.md", command.strip())
     (out / "detection.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

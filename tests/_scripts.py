@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -23,5 +24,7 @@ def load_script(name: str) -> ModuleType:
 
 
 def load_recipe(name: str) -> ModuleType:
-    """The module of ``recipes/<name>.py``."""
+    """The module of ``recipes/<name>.py``, with ``recipes/`` importable as when it runs."""
+    if str(RECIPES) not in sys.path:
+        sys.path.append(str(RECIPES))
     return _load(RECIPES / f"{name}.py")

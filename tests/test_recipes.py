@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _scripts import load_recipe
+
+from fairvlm_hf.data.fairvlmed import read_ground_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "recipes" / "train.py"
@@ -153,3 +156,19 @@ def test_two_processes_train_and_release(one_process_run, cache, tmp_path):
     state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
     # 96 pairs, 2 epochs, 2 x 16 per step: 3 optimizer steps per epoch over the global batch.
     assert state["global_step"] == 6
+
+
+def test_rescoring_a_checkpoint_reproduces_the_next_epoch_flags(one_process_run, cache):
+    """The detection recipe's --rescore applies a rule exactly as training's next epoch did."""
+    detection = load_recipe("bad_pair_detection")
+    first = min(one_process_run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    record = json.loads((one_process_run / "bad_pair_detection.json").read_text())
+    data_dir = next(p for p in (cache / "synthetic").iterdir() if p.is_dir())
+    rows = detection.rescore(first, read_ground_truth(data_dir), ["mixture", "mad"])
+    logged = next(e for e in record["epochs"] if e["epoch"] == rows["mixture"]["epoch"])
+    assert record["settings"]["threshold"] == "mixture" and logged["active"]
+    assert rows["mixture"]["n_faulty"] == logged["n_faulty"]
+    assert rows["mixture"]["n_noisy"] == logged["n_noisy"]
+    for target, auc in logged["statistic_auc"].items():
+        assert rows["mixture"][f"statistic_auc_{target}"] == pytest.approx(auc, abs=1e-12)
+    assert rows["mad"]["statistic_auc_all"] == rows["mixture"]["statistic_auc_all"]

@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Apply every rule to the bad-pair state saved in this checkpoint instead of training.",
     )
     parser.add_argument(
+        "--statistics",
+        nargs="+",
+        default=["mean", "epoch_weighted"],
+        choices=["mean", "epoch_weighted"],
+        help="Statistics to rescore with (--rescore only).",
+    )
+    parser.add_argument(
         "--data_dir",
         default=None,
         help="Folder with the ground truth (bad_pairs.csv) for --rescore; default: the synthetic "
@@ -127,11 +134,18 @@ def rule_settings(rule: str) -> dict[str, Any]:
     return settings
 
 
-def rescore(checkpoint: Path, ground_truth: Any, rules: Sequence[str]) -> dict[str, dict]:
+def rescore(
+    checkpoint: Path,
+    ground_truth: Any,
+    rules: Sequence[str],
+    statistics: Sequence[str] = ("mean",),
+) -> dict[str, dict]:
     """Each rule's faulty flags on the statistic saved in ``checkpoint``, scored against the truth.
 
-    The saved state is loaded once per rule with the rule's settings in place of the run's, and
-    the next epoch is started (which folds the last epoch into the statistic and flags pairs).
+    The saved state is loaded once per rule and statistic (``mean`` or ``epoch_weighted``: the
+    miner keeps the sums of both) with those settings in place of the run's, and the next epoch
+    is started (which folds the last epoch into the statistic and flags pairs). Keys of the
+    result: the rule, followed by `` (epoch_weighted)`` for that statistic.
     """
     import torch
 
@@ -144,9 +158,10 @@ def rescore(checkpoint: Path, ground_truth: Any, rules: Sequence[str]) -> dict[s
         raise FileNotFoundError(f"--rescore: no {MINING_STATE_NAME} in {checkpoint}")
     saved = torch.load(path, map_location="cpu", weights_only=True)["miner"]
     results: dict[str, dict] = {}
-    for rule in rules:
+    for rule, statistic in ((r, st) for st in statistics for r in rules):
         state = dict(saved)
         state.update({f"config.{k}": v for k, v in rule_settings(rule).items()})
+        state["config.statistic"] = statistic
         miner = BadPairMiner(
             **{k.removeprefix("config."): v for k, v in state.items() if k.startswith("config.")}
         )
@@ -167,7 +182,7 @@ def rescore(checkpoint: Path, ground_truth: Any, rules: Sequence[str]) -> dict[s
                 row[f"recall_{target}"] = scores[target]["recall"]
         separability = statistic_separability(ids.tolist(), m.tolist(), ground_truth)
         row.update({f"statistic_auc_{k}": v for k, v in separability.items()})
-        results[rule] = row
+        results[rule if statistic == "mean" else f"{rule} ({statistic})"] = row
     return results
 
 
@@ -183,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         truth = DataArguments(data_dir=args.data_dir).ground_truth()
         if truth is None:
             raise FileNotFoundError("--data_dir: no bad_pairs.csv, nothing to score against")
-        rows = rescore(Path(args.rescore), truth, args.rules)
+        rows = rescore(Path(args.rescore), truth, args.rules, args.statistics)
         out.mkdir(parents=True, exist_ok=True)
         write_markdown({k: [v] for k, v in rows.items()}, out / "rescore.md", command.strip())
         (out / "rescore.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--errors",
         type=float,
         nargs="+",
-        default=[0.0, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2],
+        default=[0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2],
         help="Standard deviations of the CDR reading error, in CDR units (the ratio is 0-1).",
     )
     parser.add_argument("--output_dir", default="outputs/detection_ceiling")

@@ -112,6 +112,11 @@ def write_markdown(results: dict[str, list[dict[str, Any]]], path: Path, command
         ("statistic_auc_all_contradicting", "AUC of m (contradicting)"),
         ("statistic_auc_swap_same_label", "AUC of m (same-label swaps)"),
     ]
+    if any("best_threshold_precision" in row for rows in results.values() for row in rows):
+        columns += [
+            ("best_threshold_precision", "best threshold on m: precision"),
+            ("best_threshold_recall", "recall (contradicting)"),
+        ]
     lines = [
         "| rule | " + " | ".join(title for _, title in columns) + " |",
         "|---" * (len(columns) + 1) + "|",
@@ -132,6 +137,25 @@ def rule_settings(rule: str) -> dict[str, Any]:
     for flag, value in zip(flags[::2], flags[1::2], strict=True):
         settings[names[flag]] = value if flag == "--dbpm_threshold" else float(value)
     return settings
+
+
+def best_threshold(sample_ids: list[int], m: Any, ground_truth: Any) -> dict[str, float]:
+    """Precision and recall, on contradicting pairs, of the threshold on ``m`` that maximises
+    their minimum: what the best rule could reach on this statistic, chosen in hindsight."""
+    import numpy as np
+    from sklearn.metrics import precision_recall_curve
+
+    kinds = ground_truth["kind"].astype(str)
+    targets = set(ground_truth.loc[kinds.str.contains("contradicting"), "sample_id"].tolist())
+    truth = np.array([int(s) in targets for s in sample_ids])
+    if truth.all() or not truth.any():
+        return {}
+    precision, recall, _ = precision_recall_curve(truth, np.asarray(m, dtype=np.float64))
+    best = int(np.argmax(np.minimum(precision, recall)))
+    return {
+        "best_threshold_precision": float(precision[best]),
+        "best_threshold_recall": float(recall[best]),
+    }
 
 
 def rescore(
@@ -182,6 +206,7 @@ def rescore(
                 row[f"recall_{target}"] = scores[target]["recall"]
         separability = statistic_separability(ids.tolist(), m.tolist(), ground_truth)
         row.update({f"statistic_auc_{k}": v for k, v in separability.items()})
+        row.update(best_threshold(ids.tolist(), m.numpy(), ground_truth))
         results[rule if statistic == "mean" else f"{rule} ({statistic})"] = row
     return results
 

@@ -172,3 +172,27 @@ def test_rescoring_a_checkpoint_reproduces_the_next_epoch_flags(one_process_run,
     for target, auc in logged["statistic_auc"].items():
         assert rows["mixture"][f"statistic_auc_{target}"] == pytest.approx(auc, abs=1e-12)
     assert rows["mad"]["statistic_auc_all"] == rows["mixture"]["statistic_auc_all"]
+
+
+def test_best_threshold_is_the_best_of_every_cut():
+    detection = load_recipe("bad_pair_detection")
+    truth = pd.DataFrame(
+        {
+            "filename": [f"data_{i:05d}.npz" for i in (2, 5, 6, 8)],
+            "sample_id": [2, 5, 6, 8],
+            "kind": ["contradicting", "swap_contradicting", "swap_same_label", "contradicting"],
+        }
+    )
+    ids = list(range(1, 11))
+    m = [0.1, 0.9, 0.2, 0.3, 0.8, 0.85, 0.4, 0.35, 0.5, 0.6]
+    targets = {2, 5, 8}
+    best = (0.0, None, None)
+    for cut in sorted(set(m)):  # flag every pair with m >= cut
+        flagged = {i for i, v in zip(ids, m, strict=True) if v >= cut}
+        precision = len(flagged & targets) / len(flagged)
+        recall = len(flagged & targets) / len(targets)
+        best = max(best, (min(precision, recall), precision, recall))
+    got = detection.best_threshold(ids, m, truth)
+    assert (got["best_threshold_precision"], got["best_threshold_recall"]) == pytest.approx(
+        best[1:]
+    )

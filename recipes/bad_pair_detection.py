@@ -128,25 +128,34 @@ def write_markdown(results: dict[str, list[dict[str, Any]]], path: Path, command
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+#: Training flag of a rule -> the ``BadPairMiner`` setting it sets.
+MINER_SETTINGS = {
+    "--dbpm_threshold": "threshold",
+    "--dbpm_beta_noisy": "beta_noisy",
+    "--dbpm_beta_faulty": "beta_faulty",
+}
+
+
 def rule_settings(rule: str) -> dict[str, Any]:
     """The miner settings that the training flags of ``rule`` select."""
     flags = RULES[rule]
-    names = {"--dbpm_threshold": "threshold", "--dbpm_beta_noisy": "beta_noisy"}
-    names["--dbpm_beta_faulty"] = "beta_faulty"
     settings: dict[str, Any] = {}
     for flag, value in zip(flags[::2], flags[1::2], strict=True):
-        settings[names[flag]] = value if flag == "--dbpm_threshold" else float(value)
+        settings[MINER_SETTINGS[flag]] = value if flag == "--dbpm_threshold" else float(value)
     return settings
 
 
 def best_threshold(sample_ids: list[int], m: Any, ground_truth: Any) -> dict[str, float]:
-    """Precision and recall, on contradicting pairs, of the threshold on ``m`` that maximises
-    their minimum: what the best rule could reach on this statistic, chosen in hindsight."""
+    """Precision and recall on contradicting pairs at the threshold on ``m`` that maximises
+    their minimum: what the best rule could reach on this statistic, chosen in hindsight.
+    """
     import numpy as np
     from sklearn.metrics import precision_recall_curve
 
+    from fairvlm_hf.callbacks import CONTRADICTING
+
     kinds = ground_truth["kind"].astype(str)
-    targets = set(ground_truth.loc[kinds.str.contains("contradicting"), "sample_id"].tolist())
+    targets = set(ground_truth.loc[kinds.str.contains(CONTRADICTING, regex=False), "sample_id"])
     truth = np.array([int(s) in targets for s in sample_ids])
     if truth.all() or not truth.any():
         return {}

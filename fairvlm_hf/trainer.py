@@ -208,11 +208,7 @@ class FairRobustTrainer(Trainer):
         return [] if self.miner is None else list(self.miner.flag_table())
 
     def _current_faulty_ids(self) -> list[int]:
-        return [
-            int(row["sample_id"])
-            for row in self._flag_rows()
-            if row["kind"] == "faulty" and row["flagged_now"]
-        ]
+        return [] if self.miner is None else self.miner.flagged_ids("faulty")
 
     def begin_mining_epoch(self, epoch: int) -> None:
         """Start epoch ``epoch`` of the miner (flags from the losses of the epochs before it).

@@ -199,22 +199,11 @@ def rescore(
             **{k.removeprefix("config."): v for k, v in state.items() if k.startswith("config.")}
         )
         miner.load_state_dict(state)
-        summary = miner.start_epoch(miner.epoch + 1)
-        faulty = [row["sample_id"] for row in miner.flag_table()
-                  if row["flagged_now"] and row["kind"] == "faulty"]  # fmt: skip
+        record = {**miner.start_epoch(miner.epoch + 1), "active": True}
         ids, m = miner.statistics()
-        scores = detection_scores(faulty, ground_truth)
-        row: dict[str, Any] = {
-            "epoch": summary["epoch"],
-            "n_faulty": summary["n_faulty"],
-            "n_noisy": summary["n_noisy"],
-        }
-        for target in TARGETS:
-            if target in scores:
-                row[f"precision_{target}"] = scores[target]["precision"]
-                row[f"recall_{target}"] = scores[target]["recall"]
-        separability = statistic_separability(ids.tolist(), m.tolist(), ground_truth)
-        row.update({f"statistic_auc_{k}": v for k, v in separability.items()})
+        record["detection"] = detection_scores(miner.flagged_ids("faulty"), ground_truth)
+        record["statistic_auc"] = statistic_separability(ids.tolist(), m.tolist(), ground_truth)
+        (row,) = epoch_rows({"epochs": [record]})
         row.update(best_threshold(ids.tolist(), m.numpy(), ground_truth))
         results[rule if statistic == "mean" else f"{rule} ({statistic})"] = row
     return results

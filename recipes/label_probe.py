@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     transform = ImageLabelTransform(processor.image_processor)
     names = list(schema.PROTECTED_ATTRIBUTES)
     data = {name: splits[name].with_transform(transform) for name in splits}
-    attributes = {name: {a: np.asarray(splits[name][a]) for a in names} for name in splits}
+    attributes = {
+        name: {a: np.asarray(splits[name][a]) for a in names} for name in ("validation", "test")
+    }
     trainer = Trainer(
         model=probe,
         args=training_args,

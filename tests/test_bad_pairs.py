@@ -454,6 +454,12 @@ def test_flag_table_and_summary():
     assert summary["last_n_flagged"] == 3 and summary["last_batch_size"] == 4
     assert 0 < summary["last_mean_weight"] < 1
     assert summary["n_ever_flagged"] == len(table)
+    for kind in ("noisy", "faulty"):
+        expected = sorted(r["sample_id"] for r in table if r["flagged_now"] and r["kind"] == kind)
+        assert miner.flagged_ids(kind) == expected
+    assert set(miner.flagged_ids("faulty")) >= set(FAULTY_IDS)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        miner.flagged_ids("clean")
 
 
 def test_bad_input_is_refused_with_a_clear_message():

@@ -592,6 +592,13 @@ class BadPairMiner:
         out[inside] = self._buffers["flags"][ids[inside]].to(torch.int64)
         return out.to(sample_ids.device)
 
+    def flagged_ids(self, kind: str = "faulty") -> list[int]:
+        """Sample ids flagged ``kind`` ("noisy" or "faulty") this epoch, in increasing order."""
+        if kind not in KIND_NAMES[1:]:
+            raise ValueError(f"kind must be one of {list(KIND_NAMES[1:])}, got {kind!r}")
+        code = KIND_NAMES.index(kind)
+        return torch.nonzero(self._buffers["flags"][: self._size] == code).flatten().tolist()
+
     def _kernel(self, loss: Tensor, center: float, scale: float) -> Tensor:
         z = (loss - center) / scale
         weight = torch.exp(-0.5 * z * z)
